@@ -1,0 +1,21 @@
+//! AI-Orchestra's library: the workflow language, static validation, the pure engine, the ports
+//! with their local adapters, the step actions and the runtime that ties them together.
+//!
+//! Layout: [`workflow`] (language, validation) -> [`engine`] (pure state machine) -> [`runtime`]
+//! (carries out the engine's actions through the [`ports`]) with adapters in [`store`], [`queue`]
+//! and [`secrets`], and step actions in [`steps`]. [`Orchestra`] is the programmatic entry point.
+
+pub mod api;
+pub mod engine;
+pub mod failure;
+pub mod ports;
+pub mod queue;
+pub mod runtime;
+pub mod schema;
+pub mod secrets;
+pub mod steps;
+pub mod store;
+pub mod template;
+pub mod workflow;
+
+pub use api::{Orchestra, RunResult};
