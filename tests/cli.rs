@@ -1,0 +1,5 @@
+//! Black-box tests of the `orchestra` binary: what the README promises a user.
+
+mod support;
+
+mod run_workflows;
