@@ -1,5 +1,1 @@
 //! Black-box tests of the `orchestra` binary: what the README promises a user.
-
-mod support;
-
-mod run_workflows;
