@@ -88,7 +88,10 @@ async fn hello_example_runs_without_credentials() {
         json!(["Hello, Ada (#1)", "Hello, Grace (#2)", "Hello, Linus (#3)"])
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("succeeded greet[2]"), "progress lines:\n{stderr}");
+    assert!(
+        stderr.contains("succeeded greet[2]"),
+        "progress lines:\n{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -96,9 +99,10 @@ async fn http_fanout_example_succeeds_and_records_retries_with_backoff() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/items"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(
-            json!({"items": [{"id": 1}, {"id": 2}, {"id": 3}]}),
-        ))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"items": [{"id": 1}, {"id": 2}, {"id": 3}]})),
+        )
         .mount(&server)
         .await;
     // Item 2 fails twice with a retryable 503 before it answers.
@@ -112,8 +116,15 @@ async fn http_fanout_example_succeeds_and_records_retries_with_backoff() {
     Mock::given(method("GET"))
         .and(path_regex(r"^/items/\d+$"))
         .respond_with(|req: &Request| {
-            let id: u64 = req.url.path().rsplit('/').next().and_then(|s| s.parse().ok()).unwrap_or(0);
-            ResponseTemplate::new(200).set_body_json(json!({"name": format!("item-{id}"), "price": id * 10}))
+            let id: u64 = req
+                .url
+                .path()
+                .rsplit('/')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"name": format!("item-{id}"), "price": id * 10}))
         })
         .with_priority(5)
         .mount(&server)
@@ -135,7 +146,10 @@ async fn http_fanout_example_succeeds_and_records_retries_with_backoff() {
     let result = stdout_json(&out);
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["output"]["total"], 60);
-    assert_eq!(result["output"]["names"], json!(["item-1", "item-2", "item-3"]));
+    assert_eq!(
+        result["output"]["names"],
+        json!(["item-1", "item-2", "item-3"])
+    );
     assert_eq!(result["output"]["report_status"], 201);
 
     let reports = server.received_requests().await.unwrap_or_default();
@@ -144,8 +158,15 @@ async fn http_fanout_example_succeeds_and_records_retries_with_backoff() {
         .filter(|r| r.url.path() == "/reports")
         .map(|r| serde_json::from_slice(&r.body).expect("report body"))
         .collect();
-    assert_eq!(posted, vec![json!({"total": 60, "names": ["item-1", "item-2", "item-3"]})]);
-    assert_eq!(hits(&server, "/items/2").await, 3, "two failures, then success");
+    assert_eq!(
+        posted,
+        vec![json!({"total": 60, "names": ["item-1", "item-2", "item-3"]})]
+    );
+    assert_eq!(
+        hits(&server, "/items/2").await,
+        3,
+        "two failures, then success"
+    );
 
     let run_id = result["run_id"].as_str().expect("run id");
     let doc = show_json(state.path(), run_id).await;
@@ -156,12 +177,19 @@ async fn http_fanout_example_succeeds_and_records_retries_with_backoff() {
     for (n, retry) in retries.iter().enumerate() {
         let ceiling_ms = (50.0 * 2f64.powi(n as i32)).min(500.0);
         let delay = retry["delay_ms"].as_f64().expect("delay");
-        assert!(delay <= ceiling_ms, "retry {n} waited {delay} ms, over the backoff ceiling {ceiling_ms}");
+        assert!(
+            delay <= ceiling_ms,
+            "retry {n} waited {delay} ms, over the backoff ceiling {ceiling_ms}"
+        );
         assert_eq!(retry["attempt"], n as u64 + 2);
     }
     let failures: Vec<&Value> = events(&doc, "StepFailed").collect();
     assert_eq!(failures.len(), 2);
-    assert!(failures.iter().all(|f| f["disposition"] == "retry" && f["error"]["class"] == "transient"));
+    assert!(
+        failures
+            .iter()
+            .all(|f| f["disposition"] == "retry" && f["error"]["class"] == "transient")
+    );
     // The run's timeline is readable as text too.
     let text = run_ok(orchestra(state.path()).args(["runs", "show", run_id])).await;
     let text = String::from_utf8_lossy(&text.stdout);
@@ -201,30 +229,54 @@ async fn resume_continues_a_failed_run_without_rerunning_completed_steps() {
     let file = write_workflow(dir.path(), "chain.json", chain_workflow(&server.uri(), 4));
     let state = dir.path().join("state");
 
-    let out = orchestra(&state).arg("run").arg(&file).output().await.expect("runs");
+    let out = orchestra(&state)
+        .arg("run")
+        .arg(&file)
+        .output()
+        .await
+        .expect("runs");
     assert_eq!(out.status.code(), Some(1), "a failed run exits 1");
     let result = stdout_json(&out);
     assert_eq!(result["status"], "failed");
     assert_eq!(result["error"]["step"], "step3");
-    assert!(result["error"]["message"].as_str().unwrap_or_default().contains("400"));
+    assert!(
+        result["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("400")
+    );
     let run_id = result["run_id"].as_str().expect("run id").to_owned();
     assert_eq!(hits(&server, "/step/4").await, 0);
 
     let out = run_ok(orchestra(&state).args(["resume", &run_id])).await;
     let result = stdout_json(&out);
     assert_eq!(result["status"], "succeeded", "{result}");
-    for (step, expected) in [("/step/1", 1), ("/step/2", 1), ("/step/3", 2), ("/step/4", 1)] {
+    for (step, expected) in [
+        ("/step/1", 1),
+        ("/step/2", 1),
+        ("/step/3", 2),
+        ("/step/4", 1),
+    ] {
         assert_eq!(hits(&server, step).await, expected, "calls to {step}");
     }
     let doc = show_json(&state, &run_id).await;
     assert_eq!(events(&doc, "RunResumed").count(), 1);
-    let started_step1 = events(&doc, "StepStarted").filter(|e| e["step"] == "step1").count();
+    let started_step1 = events(&doc, "StepStarted")
+        .filter(|e| e["step"] == "step1")
+        .count();
     assert_eq!(started_step1, 1, "completed steps are not started again");
 
     // A finished run cannot be resumed again.
-    let again = orchestra(&state).args(["resume", &run_id]).output().await.expect("runs");
+    let again = orchestra(&state)
+        .args(["resume", &run_id])
+        .output()
+        .await
+        .expect("runs");
     assert_eq!(again.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&again.stderr).contains("only failed or cancelled runs can be resumed"));
+    assert!(
+        String::from_utf8_lossy(&again.stderr)
+            .contains("only failed or cancelled runs can be resumed")
+    );
 }
 
 /// Answers slowly, so a run is reliably in the middle of a step when it is killed.
@@ -246,7 +298,11 @@ async fn a_killed_run_is_finished_by_a_restarted_worker_with_each_step_succeedin
         .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let steps = 8;
-    let file = write_workflow(dir.path(), "chain.json", chain_workflow(&server.uri(), steps));
+    let file = write_workflow(
+        dir.path(),
+        "chain.json",
+        chain_workflow(&server.uri(), steps),
+    );
     let state = dir.path().join("state");
 
     let mut child = orchestra(&state)
@@ -267,7 +323,11 @@ async fn a_killed_run_is_finished_by_a_restarted_worker_with_each_step_succeedin
 
     let list = run_ok(orchestra(&state).args(["runs", "list", "--status", "running"])).await;
     let list = String::from_utf8_lossy(&list.stdout);
-    let run_id = list.split_whitespace().next().expect("the killed run is still running").to_owned();
+    let run_id = list
+        .split_whitespace()
+        .next()
+        .expect("the killed run is still running")
+        .to_owned();
 
     let out = orchestra(&state)
         .args(["worker", "--exit-when-done"])
@@ -276,13 +336,19 @@ async fn a_killed_run_is_finished_by_a_restarted_worker_with_each_step_succeedin
         .await
         .expect("the worker finishes")
         .expect("worker runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let doc = show_json(&state, &run_id).await;
     assert_eq!(doc["run"]["status"], "succeeded");
     for n in 1..=steps {
         let id = format!("step{n}");
-        let succeeded = events(&doc, "StepSucceeded").filter(|e| e["step"] == id.as_str()).count();
+        let succeeded = events(&doc, "StepSucceeded")
+            .filter(|e| e["step"] == id.as_str())
+            .count();
         assert_eq!(succeeded, 1, "{id} succeeded {succeeded} times");
         // At-least-once: the step in flight at the kill may have been sent twice, no other.
         let calls = hits(&server, &format!("/step/{n}")).await;
@@ -295,7 +361,11 @@ async fn a_killed_run_is_finished_by_a_restarted_worker_with_each_step_succeedin
         }
     }
     assert!(twice <= 1, "only the interrupted step may run twice");
-    assert_eq!(hits(&server, "/step/1").await, 1, "steps finished before the kill are not redone");
+    assert_eq!(
+        hits(&server, "/step/1").await,
+        1,
+        "steps finished before the kill are not redone"
+    );
 }
 
 /// Echoes the request's headers back as JSON, as a careless API might.
@@ -305,7 +375,12 @@ impl Respond for EchoHeaders {
         let headers: serde_json::Map<String, Value> = req
             .headers
             .iter()
-            .map(|(k, v)| (k.to_string(), Value::String(v.to_str().unwrap_or_default().to_owned())))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value::String(v.to_str().unwrap_or_default().to_owned()),
+                )
+            })
             .collect();
         ResponseTemplate::new(200).set_body_json(Value::Object(headers))
     }
@@ -315,9 +390,14 @@ impl Respond for EchoHeaders {
 async fn secret_values_never_reach_outputs_history_or_the_state_file() {
     let secret = "sk-test-5f2c9a7e1b3d4c6e";
     let server = MockServer::start().await;
-    Mock::given(path("/echo")).respond_with(EchoHeaders).mount(&server).await;
+    Mock::given(path("/echo"))
+        .respond_with(EchoHeaders)
+        .mount(&server)
+        .await;
     Mock::given(path("/fail"))
-        .respond_with(ResponseTemplate::new(403).set_body_string(format!("token {secret} is not allowed")))
+        .respond_with(
+            ResponseTemplate::new(403).set_body_string(format!("token {secret} is not allowed")),
+        )
         .mount(&server)
         .await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -348,23 +428,38 @@ async fn secret_values_never_reach_outputs_history_or_the_state_file() {
     .await;
     let requests = server.received_requests().await.unwrap_or_default();
     assert_eq!(
-        requests[0].headers.get("authorization").and_then(|v| v.to_str().ok()),
+        requests[0]
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
         Some(format!("Bearer {secret}").as_str()),
         "the secret is sent to the service"
     );
     let result = stdout_json(&out);
-    assert_eq!(result["output"]["call"]["body"]["authorization"], "Bearer [REDACTED]");
+    assert_eq!(
+        result["output"]["call"]["body"]["authorization"],
+        "Bearer [REDACTED]"
+    );
     assert_eq!(result["output"]["say"]["message"], "token is [REDACTED]");
     for (what, text) in [
         ("stdout", String::from_utf8_lossy(&out.stdout).into_owned()),
-        ("stderr (logs and progress)", String::from_utf8_lossy(&out.stderr).into_owned()),
+        (
+            "stderr (logs and progress)",
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ),
     ] {
-        assert!(!text.contains(secret), "the secret leaked into {what}:\n{text}");
+        assert!(
+            !text.contains(secret),
+            "the secret leaked into {what}:\n{text}"
+        );
     }
     let run_id = result["run_id"].as_str().expect("run id");
     let doc = show_json(&state, run_id).await.to_string();
     assert!(!doc.contains(secret), "the secret leaked into the history");
-    assert!(doc.contains("token [REDACTED] is not allowed"), "error details are redacted, not dropped");
+    assert!(
+        doc.contains("token [REDACTED] is not allowed"),
+        "error details are redacted, not dropped"
+    );
     for entry in std::fs::read_dir(&state).expect("state dir") {
         let bytes = std::fs::read(entry.expect("entry").path()).unwrap_or_default();
         assert!(
@@ -399,8 +494,15 @@ async fn invalid_inputs_are_rejected_before_anything_runs() {
 #[tokio::test]
 async fn a_missing_workflow_id_names_where_it_looked() {
     let state = tempfile::tempdir().expect("tempdir");
-    let out = orchestra(state.path()).args(["run", "no_such_flow"]).output().await.expect("runs");
+    let out = orchestra(state.path())
+        .args(["run", "no_such_flow"])
+        .output()
+        .await
+        .expect("runs");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no workflow with id 'no_such_flow' in workflows"), "{stderr}");
+    assert!(
+        stderr.contains("no workflow with id 'no_such_flow' in workflows"),
+        "{stderr}"
+    );
 }

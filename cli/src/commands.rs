@@ -31,7 +31,10 @@ pub fn validate(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let mut failed = 0;
     for file in files {
         if is_json_schema(file) {
-            println!("{}: skipped (a JSON Schema, not a workflow)", file.display());
+            println!(
+                "{}: skipped (a JSON Schema, not a workflow)",
+                file.display()
+            );
             continue;
         }
         match Plan::load_file(file) {
@@ -58,7 +61,11 @@ fn is_json_schema(file: &Path) -> bool {
     std::fs::read_to_string(file)
         .ok()
         .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-        .and_then(|doc| doc.get("$schema")?.as_str().map(|s| s.contains("json-schema.org")))
+        .and_then(|doc| {
+            doc.get("$schema")?
+                .as_str()
+                .map(|s| s.contains("json-schema.org"))
+        })
         .unwrap_or(false)
 }
 
@@ -71,7 +78,11 @@ fn load(ctx: &Context, workflow: &str) -> Result<Plan, LoadError> {
     }
 }
 
-fn gather_inputs(plan: &Plan, inputs: &[String], file: Option<&Path>) -> anyhow::Result<Map<String, Value>> {
+fn gather_inputs(
+    plan: &Plan,
+    inputs: &[String],
+    file: Option<&Path>,
+) -> anyhow::Result<Map<String, Value>> {
     let mut given = Map::new();
     if let Some(file) = file {
         let text = std::fs::read_to_string(file)
@@ -107,7 +118,10 @@ fn print_result(state: &RunState) {
         "output": state.output,
         "error": state.error,
     });
-    println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&result).unwrap_or_default()
+    );
 }
 
 async fn shutdown_signal() {
@@ -116,7 +130,12 @@ async fn shutdown_signal() {
     }
 }
 
-pub async fn run(ctx: &Context, workflow: &str, inputs: &[String], inputs_file: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    ctx: &Context,
+    workflow: &str,
+    inputs: &[String],
+    inputs_file: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
     let plan = match load(ctx, workflow) {
         Ok(plan) => Arc::new(plan),
         Err(e) => {
@@ -162,7 +181,13 @@ pub async fn resume(ctx: &Context, run_id: &str) -> anyhow::Result<ExitCode> {
     let start = now_ms();
     if let Err(e) = rt.resume(run_id).await {
         eprintln!("error: {e}");
-        if matches!(e, RuntimeError::NotResumable { status: "running", .. }) {
+        if matches!(
+            e,
+            RuntimeError::NotResumable {
+                status: "running",
+                ..
+            }
+        ) {
             eprintln!("  = help: a running run is finished by `orchestra worker`");
         }
         return Ok(ExitCode::from(EXIT_INVALID));
@@ -226,9 +251,13 @@ pub async fn list(ctx: &Context, status: Option<&str>, limit: usize) -> anyhow::
     let status = match status {
         None => None,
         Some(s) => Some(
-            serde_json::from_value::<RunStatus>(Value::String(s.to_owned())).with_context(|| {
-                format!("unknown status '{s}': use pending, running, succeeded, failed or cancelled")
-            })?,
+            serde_json::from_value::<RunStatus>(Value::String(s.to_owned())).with_context(
+                || {
+                    format!(
+                        "unknown status '{s}': use pending, running, succeeded, failed or cancelled"
+                    )
+                },
+            )?,
         ),
     };
     let store = open_store(&ctx.state_dir)?;
@@ -251,7 +280,10 @@ pub async fn list(ctx: &Context, status: Option<&str>, limit: usize) -> anyhow::
 pub async fn show(ctx: &Context, run_id: &str, as_json: bool) -> anyhow::Result<ExitCode> {
     let store = open_store(&ctx.state_dir)?;
     let Some(run) = store.load_run(run_id).await? else {
-        eprintln!("error: no run with id '{run_id}' in {}", ctx.state_dir.display());
+        eprintln!(
+            "error: no run with id '{run_id}' in {}",
+            ctx.state_dir.display()
+        );
         return Ok(ExitCode::from(EXIT_INVALID));
     };
     let history = store.history(run_id, 0, usize::MAX >> 1).await?;
@@ -290,7 +322,10 @@ pub async fn show(ctx: &Context, run_id: &str, as_json: bool) -> anyhow::Result<
             .filter(|s| s.finished_at_ms > 0)
             .map(|s| format!("{} ms", s.finished_at_ms.saturating_sub(s.started_at_ms)))
             .unwrap_or_default();
-        println!("  {:<24} {:<10} attempts {:<3} {}", step.id, status, attempts, took);
+        println!(
+            "  {:<24} {:<10} attempts {:<3} {}",
+            step.id, status, attempts, took
+        );
     }
     println!("\ntimeline:");
     let printer = Printer::stderr();

@@ -9,13 +9,27 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "orchestra", version, about = "Run declarative AI and work-tool workflows, durably")]
+#[command(
+    name = "orchestra",
+    version,
+    about = "Run declarative AI and work-tool workflows, durably"
+)]
 struct Cli {
     /// Where runs are stored (an embedded SQLite file is kept there).
-    #[arg(long, global = true, env = "ORCHESTRA_STATE_DIR", default_value = ".orchestra")]
+    #[arg(
+        long,
+        global = true,
+        env = "ORCHESTRA_STATE_DIR",
+        default_value = ".orchestra"
+    )]
     state_dir: PathBuf,
     /// Where `run ID` looks for workflows.
-    #[arg(long, global = true, env = "ORCHESTRA_WORKFLOWS_DIR", default_value = "workflows")]
+    #[arg(
+        long,
+        global = true,
+        env = "ORCHESTRA_WORKFLOWS_DIR",
+        default_value = "workflows"
+    )]
     workflows_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -93,7 +107,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -46,13 +46,20 @@ impl Printer {
                 } else {
                     String::new()
                 };
-                format!("{} {}{retry}", self.paint("36", "started  "), name(step, index))
+                format!(
+                    "{} {}{retry}",
+                    self.paint("36", "started  "),
+                    name(step, index)
+                )
             }
-            HistoryKind::StepSucceeded {
-                step, index, ..
-            } => format!("{} {}", self.paint("32", "succeeded"), name(step, index)),
+            HistoryKind::StepSucceeded { step, index, .. } => {
+                format!("{} {}", self.paint("32", "succeeded"), name(step, index))
+            }
             HistoryKind::StepSkipped { step, .. } => {
-                format!("{} {step} (its `when` did not hold)", self.paint("2", "skipped  "))
+                format!(
+                    "{} {step} (its `when` did not hold)",
+                    self.paint("2", "skipped  ")
+                )
             }
             HistoryKind::StepFailed {
                 step,
@@ -86,7 +93,11 @@ impl Printer {
                 *delay_ms as f64 / 1000.0
             ),
             HistoryKind::StepExpanded { step, items } => {
-                format!("{} {step} over {} items", self.paint("36", "for_each "), items.len())
+                format!(
+                    "{} {step} over {} items",
+                    self.paint("36", "for_each "),
+                    items.len()
+                )
             }
             HistoryKind::RunSucceeded { .. } => self.paint("1;32", "run succeeded"),
             HistoryKind::RunFailed { error } => {
@@ -102,7 +113,12 @@ impl Printer {
     }
 
     /// Prints a run's updates until it finishes or the channel closes.
-    pub async fn follow(&self, run_id: &str, start_ms: u64, mut updates: broadcast::Receiver<RunUpdate>) {
+    pub async fn follow(
+        &self,
+        run_id: &str,
+        start_ms: u64,
+        mut updates: broadcast::Receiver<RunUpdate>,
+    ) {
         let mut err = std::io::stderr();
         loop {
             match updates.recv().await {

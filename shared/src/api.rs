@@ -103,7 +103,11 @@ impl Orchestra {
     }
 
     /// Runs a workflow to completion with the given variables (inputs).
-    pub async fn execute_workflow(&self, plan: &Arc<Plan>, variables: Map<String, Value>) -> Result<RunResult, Error> {
+    pub async fn execute_workflow(
+        &self,
+        plan: &Arc<Plan>,
+        variables: Map<String, Value>,
+    ) -> Result<RunResult, Error> {
         let state = self
             .runtime
             .run_to_completion(plan.clone(), variables)

@@ -160,8 +160,5 @@ pub enum SecretError {
 
 /// Credentials by name. Values must never reach logs, outputs or history.
 pub trait SecretSource: Send + Sync + 'static {
-    fn get(
-        &self,
-        name: &str,
-    ) -> impl Future<Output = Result<Option<String>, SecretError>> + Send;
+    fn get(&self, name: &str) -> impl Future<Output = Result<Option<String>, SecretError>> + Send;
 }

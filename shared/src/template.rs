@@ -202,7 +202,10 @@ mod tests {
             render_str("{{ steps.fetch.output }}", &c).unwrap(),
             json!({"n": 3, "list": [1, 2]})
         );
-        assert_eq!(render_str("{{steps.fetch.output.n}}", &c).unwrap(), json!(3));
+        assert_eq!(
+            render_str("{{steps.fetch.output.n}}", &c).unwrap(),
+            json!(3)
+        );
     }
 
     #[test]

@@ -61,11 +61,8 @@ pub fn context_json(
     ctx
 }
 
-pub fn context(
-    plan: &Plan,
-    state: &RunState,
-    step: Option<usize>,
-    extras: &Extras,
-) -> JinjaValue {
-    JinjaValue::from(minijinja::value::Serde(context_json(plan, state, step, extras)))
+pub fn context(plan: &Plan, state: &RunState, step: Option<usize>, extras: &Extras) -> JinjaValue {
+    JinjaValue::from(minijinja::value::Serde(context_json(
+        plan, state, step, extras,
+    )))
 }

@@ -392,8 +392,8 @@ impl Tx<'_> {
             });
             if class_ok && used < policy.max_attempts {
                 // Full jitter: uniform in [0, min(max, initial * 2^(n-1))].
-                let ceiling = (policy.initial_delay_s * 2f64.powi(used as i32 - 1))
-                    .min(policy.max_delay_s);
+                let ceiling =
+                    (policy.initial_delay_s * 2f64.powi(used as i32 - 1)).min(policy.max_delay_s);
                 let mut delay_ms = (ceiling * 1000.0 * self.ctx.random) as u64;
                 if let Some(after) = error.retry_after_ms {
                     delay_ms = delay_ms.max(after);
@@ -562,7 +562,9 @@ impl Tx<'_> {
                     self.work.push_back(Work::Settled(i));
                     return;
                 }
-                Err(e) => return self.step_failed(i, 0, StepError::permanent(format!("when: {e}"))),
+                Err(e) => {
+                    return self.step_failed(i, 0, StepError::permanent(format!("when: {e}")));
+                }
             }
         }
         match spec.kind {
@@ -703,10 +705,7 @@ impl Tx<'_> {
     }
 
     fn resume(&mut self) {
-        if !matches!(
-            self.state.status,
-            RunStatus::Failed | RunStatus::Cancelled
-        ) {
+        if !matches!(self.state.status, RunStatus::Failed | RunStatus::Cancelled) {
             return;
         }
         // Everything that was in flight, and every step that failed the run, gets a fresh attempt

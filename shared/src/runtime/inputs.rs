@@ -13,7 +13,10 @@ pub struct InputError {
 }
 
 /// Merges defaults and given values; fails on missing required, unknown or mistyped inputs.
-pub fn resolve_inputs(wf: &Workflow, given: Map<String, Value>) -> Result<Map<String, Value>, InputError> {
+pub fn resolve_inputs(
+    wf: &Workflow,
+    given: Map<String, Value>,
+) -> Result<Map<String, Value>, InputError> {
     let mut out = wf.variables.clone();
     let mut problems = Vec::new();
     for (name, spec) in &wf.inputs {
@@ -39,7 +42,11 @@ pub fn resolve_inputs(wf: &Workflow, given: Map<String, Value>) -> Result<Map<St
             known.sort_unstable();
             problems.push(format!(
                 "'{name}' is not an input of this workflow (declared: {})",
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
             ));
         }
         out.insert(name, value);
@@ -76,7 +83,9 @@ pub fn coerce_input(wf: &Workflow, name: &str, text: &str) -> Value {
         // Original-format variables: strings unless the default says otherwise.
         None => match wf.variables.get(name) {
             Some(Value::String(_)) | None => Value::String(text.to_owned()),
-            Some(_) => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned())),
+            Some(_) => {
+                serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+            }
         },
     }
 }
@@ -98,18 +107,33 @@ mod tests {
 
     #[test]
     fn defaults_apply_and_given_values_override() {
-        let out = resolve_inputs(&wf(), json!({"n": 2, "greeting": "yo"}).as_object().cloned().unwrap()).unwrap();
-        assert_eq!(Value::Object(out), json!({"greeting": "yo", "who": "world", "n": 2}));
+        let out = resolve_inputs(
+            &wf(),
+            json!({"n": 2, "greeting": "yo"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(out),
+            json!({"greeting": "yo", "who": "world", "n": 2})
+        );
     }
 
     #[test]
     fn missing_unknown_and_mistyped_inputs_are_all_reported() {
-        let err = resolve_inputs(&wf(), json!({"nmae": 1}).as_object().cloned().unwrap()).unwrap_err();
+        let err =
+            resolve_inputs(&wf(), json!({"nmae": 1}).as_object().cloned().unwrap()).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("'nmae' is not an input"), "{text}");
         assert!(text.contains("'n' is required"), "{text}");
-        let err = resolve_inputs(&wf(), json!({"n": "two"}).as_object().cloned().unwrap()).unwrap_err();
-        assert!(err.to_string().contains("'n' must be of type integer"), "{err}");
+        let err =
+            resolve_inputs(&wf(), json!({"n": "two"}).as_object().cloned().unwrap()).unwrap_err();
+        assert!(
+            err.to_string().contains("'n' must be of type integer"),
+            "{err}"
+        );
     }
 
     #[test]

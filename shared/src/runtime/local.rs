@@ -74,10 +74,16 @@ pub fn open_store(dir: &Path) -> Result<SqliteStore, LocalError> {
 
 /// Opens a state dir for executing runs: takes its executor lock and builds the runtime with the
 /// step types that need no credentials.
-pub fn open_local(dir: &Path, config: RuntimeConfig) -> Result<(LocalRuntime, ExecutorLock), LocalError> {
+pub fn open_local(
+    dir: &Path,
+    config: RuntimeConfig,
+) -> Result<(LocalRuntime, ExecutorLock), LocalError> {
     let lock = ExecutorLock::acquire(dir)?;
     let store = open_store(dir)?;
-    let secrets_dir = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let secrets_dir = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let secrets = EnvSecrets::from_dir(secrets_dir).map_err(|e| LocalError::StateDir {
         dir: dir.to_owned(),
         detail: e.to_string(),

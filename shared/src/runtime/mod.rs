@@ -48,9 +48,15 @@ pub enum RuntimeError {
         source: ValidationError,
     },
     #[error("run {run_id} is {status}; only failed or cancelled runs can be resumed")]
-    NotResumable { run_id: String, status: &'static str },
+    NotResumable {
+        run_id: String,
+        status: &'static str,
+    },
     #[error("run {run_id} is already {status}")]
-    AlreadyFinished { run_id: String, status: &'static str },
+    AlreadyFinished {
+        run_id: String,
+        status: &'static str,
+    },
 }
 
 /// Tuning of a runtime.
@@ -146,7 +152,13 @@ struct Prepared {
 }
 
 impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
-    pub fn new(store: S, queue: Q, secrets: K, registry: ActionRegistry, config: RuntimeConfig) -> Self {
+    pub fn new(
+        store: S,
+        queue: Q,
+        secrets: K,
+        registry: ActionRegistry,
+        config: RuntimeConfig,
+    ) -> Self {
         let (updates, _) = broadcast::channel(4096);
         Runtime {
             inner: Arc::new(Inner {
@@ -195,12 +207,13 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
             let Some(stored) = self.inner.store.load_run(run_id).await? else {
                 return Ok(None);
             };
-            let plan = Plan::compile(stored.workflow, &format!("run {run_id}")).map_err(|source| {
-                RuntimeError::StoredWorkflow {
-                    run_id: run_id.to_owned(),
-                    source,
-                }
-            })?;
+            let plan =
+                Plan::compile(stored.workflow, &format!("run {run_id}")).map_err(|source| {
+                    RuntimeError::StoredWorkflow {
+                        run_id: run_id.to_owned(),
+                        source,
+                    }
+                })?;
             *guard = Some(Cached {
                 plan: Arc::new(plan),
                 state: stored.state,
@@ -247,7 +260,12 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
     }
 
     /// Dispatches the tasks a committed transition asks for and tells listeners.
-    async fn after(&self, run_id: &str, status: RunStatus, tr: &Transition) -> Result<(), RuntimeError> {
+    async fn after(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        tr: &Transition,
+    ) -> Result<(), RuntimeError> {
         self.dispatch(&tr.actions).await?;
         let _ = self.inner.updates.send(RunUpdate {
             run_id: run_id.to_owned(),
@@ -282,7 +300,11 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
     }
 
     /// Starts a run of `plan` and returns its id; its steps run as workers take them.
-    pub async fn start_run(&self, plan: Arc<Plan>, given: Map<String, Value>) -> Result<String, RuntimeError> {
+    pub async fn start_run(
+        &self,
+        plan: Arc<Plan>,
+        given: Map<String, Value>,
+    ) -> Result<String, RuntimeError> {
         let inputs = resolve_inputs(&plan.workflow, given)?;
         let run_id = ulid::Ulid::new().to_string();
         let mut state = RunState::new(&run_id, &plan.workflow.id);
@@ -301,10 +323,20 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
         let slot = self.slot(run_id);
         let mut guard = slot.lock().await;
         let tr = self
-            .transition(&mut guard, run_id, Event::Cancel { reason: reason.to_owned() }, Durability::Sync)
+            .transition(
+                &mut guard,
+                run_id,
+                Event::Cancel {
+                    reason: reason.to_owned(),
+                },
+                Durability::Sync,
+            )
             .await?;
         if tr.is_noop() {
-            let status = guard.as_ref().map(|c| c.state.status.name()).unwrap_or("finished");
+            let status = guard
+                .as_ref()
+                .map(|c| c.state.status.name())
+                .unwrap_or("finished");
             return Err(RuntimeError::AlreadyFinished {
                 run_id: run_id.to_owned(),
                 status,
@@ -321,7 +353,10 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
             .transition(&mut guard, run_id, Event::Resume, Durability::Sync)
             .await?;
         if tr.is_noop() {
-            let status = guard.as_ref().map(|c| c.state.status.name()).unwrap_or("unknown");
+            let status = guard
+                .as_ref()
+                .map(|c| c.state.status.name())
+                .unwrap_or("unknown");
             return Err(RuntimeError::NotResumable {
                 run_id: run_id.to_owned(),
                 status,
@@ -381,7 +416,11 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
         let slot = self.slot(&task.run_id);
         let prepared = {
             let mut guard = slot.lock().await;
-            if self.ensure_loaded(&mut guard, &task.run_id).await?.is_none() {
+            if self
+                .ensure_loaded(&mut guard, &task.run_id)
+                .await?
+                .is_none()
+            {
                 return Err(RuntimeError::RunNotFound(task.run_id.clone()));
             }
             if task.kind == TaskKind::Timer {
@@ -439,7 +478,11 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
         Ok(())
     }
 
-    async fn fire_timer(&self, guard: &mut Option<Cached>, task: &Task) -> Result<(), RuntimeError> {
+    async fn fire_timer(
+        &self,
+        guard: &mut Option<Cached>,
+        task: &Task,
+    ) -> Result<(), RuntimeError> {
         let due = guard
             .as_ref()
             .and_then(|c| c.state.step(&task.step))
@@ -504,10 +547,15 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
                 .and_then(|items| items.get(n as usize).cloned())
                 .map(|item| (item, n))
         });
-        let scope = context::context_json(&plan, &cached.state, Some(i), &Extras {
-            item: item.clone(),
-            secrets: None,
-        });
+        let scope = context::context_json(
+            &plan,
+            &cached.state,
+            Some(i),
+            &Extras {
+                item: item.clone(),
+                secrets: None,
+            },
+        );
         let mut full = scope.clone();
         full.insert("secrets".into(), Value::Object(secrets));
         let jinja = minijinja::Value::from(minijinja::value::Serde(&full));
@@ -516,9 +564,9 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
             Ok(Value::Object(p)) => p,
             Ok(_) => Map::new(),
             Err(e) => {
-                return Ok(Err(StepError::permanent(redactor.redact_str(&format!(
-                    "params: {e}"
-                )))));
+                return Ok(Err(StepError::permanent(
+                    redactor.redact_str(&format!("params: {e}")),
+                )));
             }
         };
         Ok(Ok(Prepared {
@@ -595,14 +643,20 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
 
     /// Takes tasks off the queue and processes them, `config.concurrency` at a time, until
     /// `shutdown` turns true, or (with `exit_when_done`) no run is left unfinished.
-    pub async fn work(&self, mut shutdown: watch::Receiver<bool>, exit_when_done: bool) -> Result<(), RuntimeError> {
+    pub async fn work(
+        &self,
+        mut shutdown: watch::Receiver<bool>,
+        exit_when_done: bool,
+    ) -> Result<(), RuntimeError> {
         let limit = self.inner.config.concurrency;
         let permits = Arc::new(Semaphore::new(limit));
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let free = permits.available_permits().clamp(1, self.inner.config.receive_batch);
+            let free = permits
+                .available_permits()
+                .clamp(1, self.inner.config.receive_batch);
             let batch = tokio::select! {
                 r = self.inner.queue.receive(free, Duration::from_millis(200)) => r?,
                 _ = shutdown.changed() => break,
@@ -633,7 +687,11 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
     }
 
     /// Starts a run and works until it finishes; returns its final state.
-    pub async fn run_to_completion(&self, plan: Arc<Plan>, inputs: Map<String, Value>) -> Result<RunState, RuntimeError> {
+    pub async fn run_to_completion(
+        &self,
+        plan: Arc<Plan>,
+        inputs: Map<String, Value>,
+    ) -> Result<RunState, RuntimeError> {
         let mut updates = self.subscribe();
         let run_id = self.start_run(plan, inputs).await?;
         self.drive_until_finished(&run_id, &mut updates).await
@@ -680,5 +738,10 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
 }
 
 fn unit_key(task: &Task) -> UnitKey {
-    (task.run_id.clone(), task.step.clone(), task.index, task.attempt)
+    (
+        task.run_id.clone(),
+        task.step.clone(),
+        task.index,
+        task.attempt,
+    )
 }

@@ -62,8 +62,9 @@ impl Http {
                 .ok_or_else(|| StepError::permanent("http: headers must be an object"))?;
             let mut out = HeaderMap::new();
             for (k, v) in map {
-                let name = HeaderName::from_bytes(k.as_bytes())
-                    .map_err(|_| StepError::permanent(format!("http: invalid header name '{k}'")))?;
+                let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
+                    StepError::permanent(format!("http: invalid header name '{k}'"))
+                })?;
                 let value = HeaderValue::from_str(&text_of(v)).map_err(|_| {
                     StepError::permanent(format!("http: invalid value for header '{k}'"))
                 })?;
@@ -148,11 +149,8 @@ impl Http {
             _ => ErrorClass::Permanent,
         };
         let excerpt: String = text.chars().take(ERROR_BODY_LIMIT).collect();
-        let mut error = StepError::new(
-            class,
-            format!("http: {url} answered {status}"),
-        )
-        .with_details(json!({ "status": status.as_u16(), "body": excerpt }));
+        let mut error = StepError::new(class, format!("http: {url} answered {status}"))
+            .with_details(json!({ "status": status.as_u16(), "body": excerpt }));
         if class == ErrorClass::RateLimited {
             error.retry_after_ms = retry_after;
         }
@@ -192,9 +190,11 @@ mod tests {
             .respond_with(ResponseTemplate::new(201).set_body_json(json!({"id": 7})))
             .mount(&server)
             .await;
-        let out = run(json!({"method": "post", "url": format!("{}/items", server.uri()), "json": {"a": 1}}))
-            .await
-            .unwrap();
+        let out = run(
+            json!({"method": "post", "url": format!("{}/items", server.uri()), "json": {"a": 1}}),
+        )
+        .await
+        .unwrap();
         assert_eq!(out["status"], 201);
         assert_eq!(out["body"], json!({"id": 7}));
     }
@@ -214,11 +214,20 @@ mod tests {
             .respond_with(ResponseTemplate::new(404).set_body_string("no such thing"))
             .mount(&server)
             .await;
-        let e = run(json!({"url": format!("{}/slow-down", server.uri())})).await.unwrap_err();
-        assert_eq!((e.class, e.retry_after_ms), (ErrorClass::RateLimited, Some(3000)));
-        let e = run(json!({"url": format!("{}/broken", server.uri())})).await.unwrap_err();
+        let e = run(json!({"url": format!("{}/slow-down", server.uri())}))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.class, e.retry_after_ms),
+            (ErrorClass::RateLimited, Some(3000))
+        );
+        let e = run(json!({"url": format!("{}/broken", server.uri())}))
+            .await
+            .unwrap_err();
         assert_eq!(e.class, ErrorClass::Transient);
-        let e = run(json!({"url": format!("{}/missing", server.uri())})).await.unwrap_err();
+        let e = run(json!({"url": format!("{}/missing", server.uri())}))
+            .await
+            .unwrap_err();
         assert_eq!(e.class, ErrorClass::Permanent);
         assert_eq!(e.details.unwrap()["body"], "no such thing");
     }

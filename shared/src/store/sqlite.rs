@@ -120,7 +120,10 @@ impl SqliteStore {
         &self.path
     }
 
-    async fn write(&self, make: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Write) -> Result<(), StoreError> {
+    async fn write(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), StoreError>>) -> Write,
+    ) -> Result<(), StoreError> {
         let (reply, done) = oneshot::channel();
         self.writer
             .send(make(reply))
@@ -209,7 +212,11 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(backend)
 }
 
-fn create(tx: &rusqlite::Transaction<'_>, commit: &Commit, workflow: &str) -> Result<(), StoreError> {
+fn create(
+    tx: &rusqlite::Transaction<'_>,
+    commit: &Commit,
+    workflow: &str,
+) -> Result<(), StoreError> {
     let s = &commit.state;
     let inserted = tx
         .execute(

@@ -121,7 +121,7 @@ impl Graph {
 
     /// Whether `{{error}}` can be set when step `i` runs: it is reached through an on_error edge.
     pub fn error_in_scope(&self, i: usize) -> bool {
-        let handler = |j: usize| self.on_error.iter().any(|t| *t == Some(j));
+        let handler = |j: usize| self.on_error.contains(&Some(j));
         handler(i) || self.ancestors(i).into_iter().any(handler)
     }
 

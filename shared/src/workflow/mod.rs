@@ -25,7 +25,9 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no workflow with id '{id}' in {dir} (looked for {dir}/{id}.json and every *.json there)")]
+    #[error(
+        "no workflow with id '{id}' in {dir} (looked for {dir}/{id}.json and every *.json there)"
+    )]
     NotFound { id: String, dir: PathBuf },
     #[error(transparent)]
     Invalid(#[from] ValidationError),
@@ -40,7 +42,8 @@ pub fn parse(text: &str, source_name: &str) -> Result<Workflow, ValidationError>
         let help = if inner.is_syntax() || inner.is_eof() {
             "fix the JSON syntax at that line and column".to_owned()
         } else if inner.to_string().contains("unknown field") {
-            "remove the field or fix its spelling; workflows/schema.json lists every field".to_owned()
+            "remove the field or fix its spelling; workflows/schema.json lists every field"
+                .to_owned()
         } else if inner.to_string().contains("unknown variant") {
             "use one of the values listed; workflows/schema.json lists them".to_owned()
         } else {

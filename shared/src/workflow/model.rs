@@ -92,7 +92,9 @@ impl InputType {
 
 /// The kind of a step. `choice` and `wait` are carried out by the engine itself; the others call an
 /// action from the registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum StepKind {
     Openai,

@@ -157,7 +157,10 @@ fn check_structure(c: &mut Checker<'_>) {
         if let Some(first) = c.index.insert(step.id.as_str(), i) {
             c.push(
                 format!("{at}/id"),
-                format!("duplicate step id '{}' (also used by /steps/{first})", step.id),
+                format!(
+                    "duplicate step id '{}' (also used by /steps/{first})",
+                    step.id
+                ),
                 "give every step a unique id",
             );
             c.index.insert(wf.steps[first].id.as_str(), first);
@@ -353,10 +356,7 @@ fn check_action(c: &mut Checker<'_>, at: &str, step: &crate::workflow::Step) {
 }
 
 /// The template texts of a step, each with its pointer, and whether `item`/`index` are in scope.
-fn step_templates(
-    step: &crate::workflow::Step,
-    at: &str,
-) -> Vec<(String, String, TemplateKind)> {
+fn step_templates(step: &crate::workflow::Step, at: &str) -> Vec<(String, String, TemplateKind)> {
     let mut out = Vec::new();
     let mut strings = Vec::new();
     let params = Value::Object(step.params.clone());
@@ -479,8 +479,12 @@ fn check_reference(
                 format!("use one of the step ids: {}", c.known_ids()),
             )),
             Some(j) if !ancestors.contains(j) => Some((
-                format!("'{reference}' uses the output of step '{id}', which cannot have run before '{from}'"),
-                format!("make '{from}' run after '{id}' (next_step or depends_on), or drop the reference"),
+                format!(
+                    "'{reference}' uses the output of step '{id}', which cannot have run before '{from}'"
+                ),
+                format!(
+                    "make '{from}' run after '{id}' (next_step or depends_on), or drop the reference"
+                ),
             )),
             Some(_) => None,
         }
@@ -490,11 +494,14 @@ fn check_reference(
         "inputs" => match second {
             Some(name) if !declared.contains(name) => Some((
                 format!("'{reference}' refers to input '{name}', which is not declared"),
-                format!("declare it under \"inputs\" (or \"variables\"); declared: {}", {
-                    let mut d: Vec<&&str> = declared.iter().collect();
-                    d.sort();
-                    d.iter().map(|s| **s).collect::<Vec<_>>().join(", ")
-                }),
+                format!(
+                    "declare it under \"inputs\" (or \"variables\"); declared: {}",
+                    {
+                        let mut d: Vec<&&str> = declared.iter().collect();
+                        d.sort();
+                        d.iter().map(|s| **s).collect::<Vec<_>>().join(", ")
+                    }
+                ),
             )),
             _ => None,
         },
