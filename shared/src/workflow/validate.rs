@@ -183,6 +183,52 @@ fn check_structure(c: &mut Checker<'_>) {
     for (i, step) in wf.steps.iter().enumerate() {
         check_step(c, i, step);
     }
+    check_join_targets(c);
+}
+
+/// A step with `depends_on` starts when its dependencies finish; being also the target of a
+/// `next_step`, `choice` or `on_error` would give it two meanings.
+fn check_join_targets(c: &mut Checker<'_>) {
+    let wf = c.wf;
+    for (i, step) in wf.steps.iter().enumerate() {
+        let at = format!("/steps/{i}");
+        let mut targets: Vec<(String, &str)> = Vec::new();
+        if let Some(Some(next)) = &step.next_step {
+            targets.push((format!("{at}/next_step"), next));
+        }
+        if let Some(target) = &step.on_error {
+            targets.push((format!("{at}/on_error"), target));
+        }
+        if let Some(default) = &step.default {
+            targets.push((format!("{at}/default"), default));
+        }
+        for (r, rule) in step.choices.iter().flatten().enumerate() {
+            targets.push((format!("{at}/choices/{r}/next"), &rule.next));
+        }
+        for (pointer, target) in targets {
+            let joins = c
+                .index
+                .get(target)
+                .is_some_and(|&j| wf.steps[j].depends_on.is_some());
+            if joins {
+                let field = pointer.rsplit('/').next().unwrap_or_default().to_owned();
+                c.push(
+                    pointer,
+                    format!("{field} points at '{target}', which has depends_on and so starts when its dependencies finish"),
+                    format!("remove depends_on from '{target}', or add '{}' to its depends_on instead", step.id),
+                );
+            }
+        }
+    }
+}
+
+/// `github.create_issue`, or just `wait` where a type has a single action.
+fn label(kind: StepKind, action: &str) -> String {
+    if catalog::actions(kind).len() == 1 {
+        kind.name().to_owned()
+    } else {
+        format!("{}.{action}", kind.name())
+    }
 }
 
 fn check_step(c: &mut Checker<'_>, i: usize, step: &crate::workflow::Step) {
@@ -324,8 +370,8 @@ fn check_action(c: &mut Checker<'_>, at: &str, step: &crate::workflow::Step) {
             c.push(
                 format!("{at}/params"),
                 format!(
-                    "{}.{action} step '{}' is missing required param '{required}'",
-                    kind.name(),
+                    "{} step '{}' is missing required param '{required}'",
+                    label(kind, action),
                     step.id
                 ),
                 format!("add \"{required}\" to params"),
@@ -336,8 +382,8 @@ fn check_action(c: &mut Checker<'_>, at: &str, step: &crate::workflow::Step) {
         c.push(
             format!("{at}/params"),
             format!(
-                "{}.{action} step '{}' needs one of the params: {}",
-                kind.name(),
+                "{} step '{}' needs one of the params: {}",
+                label(kind, action),
                 step.id,
                 spec.one_of.join(", ")
             ),
@@ -348,7 +394,7 @@ fn check_action(c: &mut Checker<'_>, at: &str, step: &crate::workflow::Step) {
         if !spec.accepts(name) {
             c.push(
                 format!("{at}/params/{name}"),
-                format!("unknown param '{name}' for {}.{action}", kind.name()),
+                format!("unknown param '{name}' for {}", label(kind, action)),
                 format!("accepted params: {}", spec.all_params().join(", ")),
             );
         }
