@@ -18,6 +18,9 @@ use crate::workflow::{Plan, RetryOn, StepKind};
 pub use context::Extras;
 pub use state::*;
 
+#[cfg(test)]
+mod properties;
+
 /// Default for_each concurrency.
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 10;
 
