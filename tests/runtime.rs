@@ -85,7 +85,11 @@ async fn duplicate_and_out_of_order_delivery_runs_each_side_effect_once() {
     }
     assert_eq!(status_of(&rt, &run_id).await, RunStatus::Succeeded);
     let before = history_of(&rt, &run_id).await;
-    assert!(seen.len() >= 10, "duplicates were delivered: {}", seen.len());
+    assert!(
+        seen.len() >= 10,
+        "duplicates were delivered: {}",
+        seen.len()
+    );
     for delivery in seen.into_iter().rev() {
         rt.process(delivery).await;
     }
@@ -129,9 +133,7 @@ async fn a_stale_commit_is_rejected_and_changes_nothing() {
         random: 0.5,
     };
     let mut state = RunState::new("run-1", "w");
-    let start = Event::Start {
-        inputs: Map::new(),
-    };
+    let start = Event::Start { inputs: Map::new() };
     let tr = engine::handle(&workflow, &mut state, start, ctx);
     let create = Commit::of(&state, &tr.history, Durability::Sync);
     store
@@ -205,9 +207,7 @@ async fn concurrent_commits_of_many_runs_all_land() {
                 random: 0.5,
             };
             let mut state = RunState::new(format!("run-{n}"), "w");
-            let start = Event::Start {
-                inputs: Map::new(),
-            };
+            let start = Event::Start { inputs: Map::new() };
             let tr = engine::handle(&workflow, &mut state, start, ctx);
             let commit = Commit::of(&state, &tr.history, Durability::Sync);
             store.create_run(commit, &workflow.workflow).await
