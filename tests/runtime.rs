@@ -167,7 +167,7 @@ async fn a_stale_commit_is_rejected_and_changes_nothing() {
         .await
         .expect_err("second claim loses");
     assert!(
-        matches!(err, StoreError::Conflict { expected, found, .. } if found == expected + 1),
+        matches!(err, StoreError::Conflict { expected, found, .. } if found == Some(expected + 1)),
         "{err}"
     );
     let stored = store

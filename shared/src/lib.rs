@@ -6,8 +6,12 @@
 //! and [`secrets`], and step actions in [`steps`]. [`Orchestra`] is the programmatic entry point.
 
 pub mod api;
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod engine;
 pub mod failure;
+#[cfg(feature = "http-api")]
+pub mod http_api;
 pub mod ports;
 pub mod queue;
 pub mod runtime;

@@ -13,11 +13,12 @@ use crate::workflow::Workflow;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Someone else changed the run since it was read: reload and decide again.
-    #[error("run {run_id} changed concurrently (expected version {expected}, found {found})")]
+    #[error("run {run_id} changed concurrently (expected version {expected}, found {})", found.map_or("a newer one".to_owned(), |f| f.to_string()))]
     Conflict {
         run_id: String,
         expected: u64,
-        found: u64,
+        /// The version found, where the store can tell it cheaply.
+        found: Option<u64>,
     },
     #[error("run {0} already exists")]
     AlreadyExists(String),
@@ -114,6 +115,18 @@ pub trait RunStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<RunSummary>, StoreError>> + Send;
     /// Runs that are neither finished nor failed: what a restarted worker must pick up.
     fn unfinished_runs(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+}
+
+/// Named workflow definitions (what a schedule or an API call starts by id).
+pub trait WorkflowCatalog: Send + Sync + 'static {
+    fn get_workflow(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Workflow>, StoreError>> + Send;
+    fn put_workflow(
+        &self,
+        workflow: &Workflow,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 #[derive(Debug, thiserror::Error)]

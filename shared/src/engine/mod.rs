@@ -64,6 +64,11 @@ pub enum Event {
     Cancel {
         reason: String,
     },
+    /// The run cannot go on (e.g. a task failed every delivery): it fails with this reason.
+    Abort {
+        step: Option<String>,
+        reason: String,
+    },
     Resume,
 }
 
@@ -370,6 +375,16 @@ impl Tx<'_> {
             Event::Cancel { reason } => {
                 if !self.state.status.is_terminal() {
                     self.record(HistoryKind::RunCancelled { reason });
+                }
+            }
+            Event::Abort { step, reason } => {
+                if !self.state.status.is_terminal() {
+                    self.record(HistoryKind::RunFailed {
+                        error: RunError {
+                            step,
+                            message: reason,
+                        },
+                    });
                 }
             }
             Event::Resume => self.resume(),

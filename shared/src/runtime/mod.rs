@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, broadcast, watch};
 
 use crate::engine::{
     self, Action, Ctx, Event, Extras, HistoryEvent, RunState, RunStatus, Task, TaskKind,
-    Transition, context,
+    Transition, UnitStatus, context,
 };
 use crate::failure::StepError;
 use crate::ports::{
@@ -57,6 +57,17 @@ pub enum RuntimeError {
         run_id: String,
         status: &'static str,
     },
+    /// Another worker holds the attempt's claim; deliver the task again after the lease, when a
+    /// dead worker's attempt can be taken over.
+    #[error(
+        "step {step} attempt {attempt} of run {run_id} is claimed by another worker until {until_ms}"
+    )]
+    LeaseHeld {
+        run_id: String,
+        step: String,
+        attempt: u32,
+        until_ms: u64,
+    },
 }
 
 /// Tuning of a runtime.
@@ -69,6 +80,8 @@ pub struct RuntimeConfig {
     /// How long past its timeout an attempt's claim lasts before another worker may take it over.
     pub lease_margin: Duration,
     pub receive_batch: usize,
+    /// Step outputs larger than this (as JSON) fail the step: stores have item limits.
+    pub max_output_bytes: Option<usize>,
 }
 
 impl Default for RuntimeConfig {
@@ -78,6 +91,7 @@ impl Default for RuntimeConfig {
             default_timeout: Duration::from_secs(300),
             lease_margin: Duration::from_secs(30),
             receive_batch: 64,
+            max_output_bytes: None,
         }
     }
 }
@@ -305,8 +319,19 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
         plan: Arc<Plan>,
         given: Map<String, Value>,
     ) -> Result<String, RuntimeError> {
+        self.start_run_with_id(plan, given, ulid::Ulid::new().to_string())
+            .await
+    }
+
+    /// Starts a run with a caller-chosen id. Starting the same id again is refused by the store
+    /// (`StoreError::AlreadyExists`), which makes a redelivered trigger harmless.
+    pub async fn start_run_with_id(
+        &self,
+        plan: Arc<Plan>,
+        given: Map<String, Value>,
+        run_id: String,
+    ) -> Result<String, RuntimeError> {
         let inputs = resolve_inputs(&plan.workflow, given)?;
-        let run_id = ulid::Ulid::new().to_string();
         let mut state = RunState::new(&run_id, &plan.workflow.id);
         let tr = engine::handle(&plan, &mut state, Event::Start { inputs }, ctx());
         let commit = Commit::of(&state, &tr.history, Durability::Sync);
@@ -406,10 +431,32 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
                 tracing::warn!(run_id = %task.run_id, step_id = %task.step, "task for an unknown run dropped");
                 let _ = self.inner.queue.ack(&delivery.receipt).await;
             }
+            Err(e @ RuntimeError::LeaseHeld { .. }) => {
+                tracing::debug!(run_id = %task.run_id, step_id = %task.step, error = %e, "duplicate of a running attempt kept for later");
+            }
             Err(e) => {
                 tracing::warn!(run_id = %task.run_id, step_id = %task.step, attempt = task.attempt, error = %e, "task failed; it will be delivered again");
             }
         }
+    }
+
+    /// Carries out one task: claim, execute, record. `Ok` means the task is done with (including
+    /// a duplicate that needed nothing); an error means it should be delivered again.
+    pub async fn execute_task(&self, task: &Task) -> Result<(), RuntimeError> {
+        self.process_task(task).await
+    }
+
+    /// Marks a run failed because one of its tasks cannot be processed (a poison message).
+    pub async fn abort(&self, task: &Task, reason: &str) -> Result<(), RuntimeError> {
+        let slot = self.slot(&task.run_id);
+        let mut guard = slot.lock().await;
+        let event = Event::Abort {
+            step: Some(task.step.clone()),
+            reason: reason.to_owned(),
+        };
+        self.transition(&mut guard, &task.run_id, event, Durability::Sync)
+            .await?;
+        Ok(())
     }
 
     async fn process_task(&self, task: &Task) -> Result<(), RuntimeError> {
@@ -422,6 +469,9 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
                 .is_none()
             {
                 return Err(RuntimeError::RunNotFound(task.run_id.clone()));
+            }
+            if self.requeue_if_early(&guard, task).await? {
+                return Ok(());
             }
             if task.kind == TaskKind::Timer {
                 return self.fire_timer(&mut guard, task).await;
@@ -450,7 +500,24 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
                 .transition(&mut guard, &task.run_id, claim, Durability::Lazy)
                 .await?;
             if tr.is_noop() {
-                // A duplicate, a stale attempt, or a finished run: nothing to do.
+                // Claimed by a worker that may yet die: keep the task until the lease runs out.
+                // Anything else (a duplicate of a finished attempt, a stale attempt, a finished
+                // run) needs nothing.
+                let held = guard
+                    .as_ref()
+                    .filter(|c| c.state.status == RunStatus::Running)
+                    .and_then(|c| c.state.step(&task.step))
+                    .and_then(|s| s.unit(task.index))
+                    .filter(|u| u.attempt == task.attempt && u.status == UnitStatus::Running)
+                    .map(|u| u.lease_until_ms);
+                if let Some(until_ms) = held {
+                    return Err(RuntimeError::LeaseHeld {
+                        run_id: task.run_id.clone(),
+                        step: task.step.clone(),
+                        attempt: task.attempt,
+                        until_ms,
+                    });
+                }
                 return Ok(());
             }
             let Some(cached) = guard.as_ref() else {
@@ -478,26 +545,35 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
         Ok(())
     }
 
+    /// A task that arrives before its time (SQS caps delays at 15 minutes) is sent again for the
+    /// rest of the wait, which chains long backoffs and waits.
+    async fn requeue_if_early(
+        &self,
+        guard: &Option<Cached>,
+        task: &Task,
+    ) -> Result<bool, RuntimeError> {
+        let due = guard
+            .as_ref()
+            .and_then(|c| c.state.step(&task.step))
+            .and_then(|s| s.unit(task.index))
+            .filter(|u| u.attempt == task.attempt && u.status == UnitStatus::Scheduled)
+            .map_or(0, |u| u.not_before_ms);
+        let now = now_ms();
+        if due <= now {
+            return Ok(false);
+        }
+        self.inner
+            .queue
+            .send(vec![(task.clone(), Duration::from_millis(due - now))])
+            .await?;
+        Ok(true)
+    }
+
     async fn fire_timer(
         &self,
         guard: &mut Option<Cached>,
         task: &Task,
     ) -> Result<(), RuntimeError> {
-        let due = guard
-            .as_ref()
-            .and_then(|c| c.state.step(&task.step))
-            .and_then(|s| s.unit(task.index))
-            .map(|u| u.not_before_ms)
-            .unwrap_or(0);
-        let now = now_ms();
-        if due > now {
-            // Delivered early (queues cap their delays): wait again.
-            self.inner
-                .queue
-                .send(vec![(task.clone(), Duration::from_millis(due - now))])
-                .await?;
-            return Ok(());
-        }
         let event = Event::TimerFired {
             step: task.step.clone(),
             index: task.index,
@@ -618,6 +694,20 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
         match result {
             Ok(mut output) => {
                 p.redactor.redact_value(&mut output);
+                let size = serde_json::to_vec(&output).map_or(0, |v| v.len());
+                if let Some(limit) = self.inner.config.max_output_bytes
+                    && size > limit
+                {
+                    return Event::StepFailed {
+                        step: task.step.clone(),
+                        index: task.index,
+                        attempt: task.attempt,
+                        error: StepError::permanent(format!(
+                            "the step's output is {size} bytes, over this runtime's limit of {limit} bytes; \
+                             return less (e.g. pick fields with a transform) or store it elsewhere and pass a reference"
+                        )),
+                    };
+                }
                 Event::StepSucceeded {
                     step: task.step.clone(),
                     index: task.index,

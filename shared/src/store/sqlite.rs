@@ -276,7 +276,7 @@ fn apply_commit(tx: &rusqlite::Transaction<'_>, commit: &Commit) -> Result<(), S
             Some(found) => StoreError::Conflict {
                 run_id: s.run_id.clone(),
                 expected: commit.expected_version,
-                found: found as u64,
+                found: Some(found as u64),
             },
         });
     }
