@@ -19,28 +19,30 @@ pub async fn handle_sqs_event(
     config: &AwsConfig,
     event: SqsEvent,
 ) -> SqsBatchResponse {
-    let mut tasks = Vec::new();
+    // A JoinSet aborts its tasks when dropped, so a handler that dies takes its records with it,
+    // as a Lambda that crashes does.
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut ids = std::collections::HashMap::new();
     for message in event.records {
         let rt = rt.clone();
         let max_receives = config.max_receives;
-        tasks.push(tokio::spawn(async move {
-            let id = message.message_id.clone().unwrap_or_default();
-            (id, handle_record(&rt, max_receives, message).await)
-        }));
+        let id = message.message_id.clone().unwrap_or_default();
+        let handle = tasks.spawn(async move { handle_record(&rt, max_receives, message).await });
+        ids.insert(handle.id(), id);
     }
     let mut response = SqsBatchResponse::default();
-    for task in tasks {
-        match task.await {
-            Ok((_, true)) => {}
-            Ok((id, false)) => {
-                let mut failure = BatchItemFailure::default();
-                failure.item_identifier = id;
-                response.batch_item_failures.push(failure);
+    while let Some(joined) = tasks.join_next_with_id().await {
+        let (task_id, done) = match joined {
+            Ok((task_id, done)) => (task_id, done),
+            Err(e) => {
+                tracing::error!(error = %e, "a record handler panicked");
+                (e.id(), false)
             }
-            // A panicking record: its id is lost with the task, so fail the batch's unknowns
-            // conservatively by reporting nothing here; Lambda redelivers the whole batch only if
-            // the function errors, and the panic is logged.
-            Err(e) => tracing::error!(error = %e, "a record handler panicked"),
+        };
+        if !done {
+            let mut failure = BatchItemFailure::default();
+            failure.item_identifier = ids.get(&task_id).cloned().unwrap_or_default();
+            response.batch_item_failures.push(failure);
         }
     }
     response

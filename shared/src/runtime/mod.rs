@@ -454,9 +454,38 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
             step: Some(task.step.clone()),
             reason: reason.to_owned(),
         };
-        self.transition(&mut guard, &task.run_id, event, Durability::Sync)
-            .await?;
-        Ok(())
+        match self
+            .transition(&mut guard, &task.run_id, event, Durability::Sync)
+            .await
+        {
+            Err(RuntimeError::StoredWorkflow { .. }) => {
+                // The engine needs a valid workflow; failing a run does not: record it directly.
+                let Some(stored) = self.inner.store.load_run(&task.run_id).await? else {
+                    return Err(RuntimeError::RunNotFound(task.run_id.clone()));
+                };
+                let mut state = stored.state;
+                if state.status.is_terminal() {
+                    return Ok(());
+                }
+                let failed = HistoryEvent {
+                    at_ms: now_ms(),
+                    kind: crate::engine::HistoryKind::RunFailed {
+                        error: crate::engine::RunError {
+                            step: Some(task.step.clone()),
+                            message: reason.to_owned(),
+                        },
+                    },
+                };
+                state.apply(&failed);
+                let history = [failed];
+                self.inner
+                    .store
+                    .commit(Commit::of(&state, &history, Durability::Sync))
+                    .await?;
+                Ok(())
+            }
+            other => other.map(|_| ()),
+        }
     }
 
     async fn process_task(&self, task: &Task) -> Result<(), RuntimeError> {
@@ -602,7 +631,12 @@ impl<S: RunStore, Q: StepQueue, K: SecretSource> Runtime<S, Q, K> {
         let mut secrets = Map::new();
         let mut values = Vec::new();
         for name in &plan.refs(i).secrets {
-            match self.inner.secrets.get(name).await? {
+            let value = match self.inner.secrets.get(name).await {
+                Ok(v) => v,
+                // Recorded as a failed attempt (retryable), not left as a claimed one.
+                Err(e) => return Ok(Err(StepError::transient(e.to_string()))),
+            };
+            match value {
                 Some(v) => {
                     values.push(v.clone());
                     secrets.insert(name.clone(), Value::String(v));
