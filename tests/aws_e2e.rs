@@ -14,13 +14,9 @@ use std::time::{Duration, Instant};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_lambda_events::event::sqs::SqsEvent;
 use aws_sdk_dynamodb::config::Credentials;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
-    ProjectionType, ScalarAttributeType, TimeToLiveSpecification,
-};
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::MessageSystemAttributeName;
 use orchestra_core::aws::lambda::{handle_schedule, handle_sqs_event};
-use orchestra_core::aws::{AwsConfig, AwsRuntime};
+use orchestra_core::aws::{AwsConfig, AwsRuntime, provision};
 use orchestra_core::engine::{HistoryKind, RunState, RunStatus};
 use orchestra_core::http_api::router;
 use orchestra_core::ports::{RunStore, WorkflowCatalog};
@@ -107,95 +103,17 @@ async fn setup(name: &str, visibility_s: u32, max_receives: u32) -> Aws {
         .load()
         .await;
     let table = unique(name);
-    let ddb = aws_sdk_dynamodb::Client::new(&sdk);
-    let attr = |n: &str, t| {
-        AttributeDefinition::builder()
-            .attribute_name(n)
-            .attribute_type(t)
-            .build()
-            .expect("attribute")
-    };
-    let key = |n: &str, t| {
-        KeySchemaElement::builder()
-            .attribute_name(n)
-            .key_type(t)
-            .build()
-            .expect("key")
-    };
-    ddb.create_table()
-        .table_name(&table)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attr("pk", ScalarAttributeType::S))
-        .attribute_definitions(attr("sk", ScalarAttributeType::S))
-        .attribute_definitions(attr("status", ScalarAttributeType::S))
-        .attribute_definitions(attr("created_at", ScalarAttributeType::N))
-        .key_schema(key("pk", KeyType::Hash))
-        .key_schema(key("sk", KeyType::Range))
-        .global_secondary_indexes(
-            GlobalSecondaryIndex::builder()
-                .index_name("by_status")
-                .key_schema(key("status", KeyType::Hash))
-                .key_schema(key("created_at", KeyType::Range))
-                .projection(
-                    Projection::builder()
-                        .projection_type(ProjectionType::All)
-                        .build(),
-                )
-                .build()
-                .expect("gsi"),
-        )
-        .send()
+    provision::create_table(&aws_sdk_dynamodb::Client::new(&sdk), &table)
         .await
-        .expect("create table");
-    ddb.update_time_to_live()
-        .table_name(&table)
-        .time_to_live_specification(
-            TimeToLiveSpecification::builder()
-                .attribute_name("expires_at")
-                .enabled(true)
-                .build()
-                .expect("ttl"),
-        )
-        .send()
-        .await
-        .expect("ttl");
-
-    let sqs = aws_sdk_sqs::Client::new(&sdk);
-    let dlq_url = sqs
-        .create_queue()
-        .queue_name(unique(&format!("{name}-dlq")))
-        .send()
-        .await
-        .expect("dlq")
-        .queue_url
-        .expect("dlq url");
-    let dlq_arn = sqs
-        .get_queue_attributes()
-        .queue_url(&dlq_url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .expect("dlq attributes")
-        .attributes
-        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-        .expect("dlq arn");
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(unique(name))
-        .attributes(
-            QueueAttributeName::VisibilityTimeout,
-            visibility_s.to_string(),
-        )
-        .attributes(
-            QueueAttributeName::RedrivePolicy,
-            json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receives.to_string()})
-                .to_string(),
-        )
-        .send()
-        .await
-        .expect("queue")
-        .queue_url
-        .expect("queue url");
+        .expect("table");
+    let (queue_url, dlq_url) = provision::create_queues(
+        &aws_sdk_sqs::Client::new(&sdk),
+        &unique(name),
+        visibility_s,
+        max_receives,
+    )
+    .await
+    .expect("queues");
 
     let env: HashMap<&str, String> = HashMap::from([
         ("ORCHESTRA_TABLE", table),

@@ -4,6 +4,7 @@
 
 pub mod dynamo;
 pub mod lambda;
+pub mod provision;
 pub mod secrets;
 pub mod sqs;
 
