@@ -119,18 +119,23 @@ impl AwsConfig {
 
     /// Builds the runtime on a given SDK configuration.
     pub fn runtime_with(&self, sdk: &aws_config::SdkConfig) -> AwsRuntime {
-        let sdk = sdk.clone();
-        let store = DynamoStore::new(
-            aws_sdk_dynamodb::Client::new(&sdk),
-            &self.table,
-            self.retention_days,
-        );
-        let queue = SqsQueue::new(aws_sdk_sqs::Client::new(&sdk), &self.queue_url);
-        let secrets = SecretsManagerSource::new(
-            aws_sdk_secretsmanager::Client::new(&sdk),
-            &self.secret_prefix,
-            self.secret_ttl,
-        );
+        self.runtime_from_clients(
+            aws_sdk_dynamodb::Client::new(sdk),
+            aws_sdk_sqs::Client::new(sdk),
+            aws_sdk_secretsmanager::Client::new(sdk),
+        )
+    }
+
+    /// Builds the runtime on given clients (e.g. with interceptors that count calls).
+    pub fn runtime_from_clients(
+        &self,
+        dynamodb: aws_sdk_dynamodb::Client,
+        sqs: aws_sdk_sqs::Client,
+        secrets: aws_sdk_secretsmanager::Client,
+    ) -> AwsRuntime {
+        let store = DynamoStore::new(dynamodb, &self.table, self.retention_days);
+        let queue = SqsQueue::new(sqs, &self.queue_url);
+        let secrets = SecretsManagerSource::new(secrets, &self.secret_prefix, self.secret_ttl);
         let config = RuntimeConfig {
             max_output_bytes: Some(self.max_output_bytes),
             lease_margin: self.lease_margin,
