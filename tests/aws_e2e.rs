@@ -687,3 +687,103 @@ async fn api_call_put(aws: &Aws, path: &str, body: Value) -> (u16, Value) {
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
 }
+
+/// The `step-worker` binary itself, built and run by `cargo lambda watch` (Lambda's runtime API,
+/// emulated), invoked with an SQS event made from `events/sqs-step-batch.json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_step_worker_binary_runs_under_cargo_lambda_watch() {
+    let aws = setup("watch", 5, 5).await;
+    let workflow = json!({"id": "w", "steps": [
+        {"id": "hello", "type": "transform", "params": {"value": "hi"}},
+        {"id": "bye", "type": "transform", "params": {"value": "bye"}}
+    ]});
+    let (status, body) = api_call(&aws, "POST", "/runs", Some(json!({"workflow": workflow}))).await;
+    assert_eq!(status, 202);
+    let run_id = body["run_id"].as_str().expect("run id").to_owned();
+    // The sample batch, with its first record pointed at this run's first task.
+    let (received, _) = receive_event(&aws, &aws.config.queue_url).await;
+    let task_body = received.records[0].body.clone().expect("task");
+    let mut event: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("events/sqs-step-batch.json")).expect("event"),
+    )
+    .expect("json");
+    event["Records"][0]["body"] = json!(task_body);
+    let event_file = std::env::temp_dir().join(format!("{}.json", unique("sqs-event")));
+    std::fs::write(&event_file, event.to_string()).expect("write event");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let env = [
+        ("ORCHESTRA_TABLE", aws.config.table.clone()),
+        ("ORCHESTRA_QUEUE_URL", aws.config.queue_url.clone()),
+        ("AWS_ENDPOINT_URL", moto().to_owned()),
+        ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+    ];
+    let mut watch = Command::new("cargo");
+    watch
+        .current_dir(repo_root())
+        .args([
+            "lambda",
+            "watch",
+            "--ignore-changes",
+            "-A",
+            "127.0.0.1",
+            "-P",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in &env {
+        watch.env(k, v).arg("--env-var").arg(format!("{k}={v}"));
+    }
+    let mut watch = watch
+        .spawn()
+        .expect("cargo lambda (python3 -m pip install cargo-lambda)");
+
+    // The first invocation waits for cargo lambda to build the function.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let output = loop {
+        let out = Command::new("cargo")
+            .current_dir(repo_root())
+            .args([
+                "lambda",
+                "invoke",
+                "step-worker",
+                "--invoke-address",
+                "127.0.0.1",
+                "--invoke-port",
+            ])
+            .arg(port.to_string())
+            .arg("--data-file")
+            .arg(&event_file)
+            .output()
+            .expect("cargo lambda invoke");
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        if Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!(
+                "invoke kept failing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let response: Value = serde_json::from_str(output.trim()).expect("a batch response");
+    // The real task ran; the sample's second record names a run that does not exist and is
+    // acknowledged, not retried: no failures are reported.
+    assert_eq!(response["batchItemFailures"], json!([]), "{output}");
+    let after = state(&aws, &run_id).await;
+    assert_eq!(
+        after.step_status("hello"),
+        orchestra_core::engine::StepStatus::Succeeded
+    );
+}
