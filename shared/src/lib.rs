@@ -5,6 +5,7 @@
 //! (carries out the engine's actions through the [`ports`]) with adapters in [`store`], [`queue`]
 //! and [`secrets`], and step actions in [`steps`]. [`Orchestra`] is the programmatic entry point.
 
+#[cfg(feature = "local")]
 pub mod api;
 #[cfg(feature = "aws")]
 pub mod aws;
@@ -18,8 +19,10 @@ pub mod runtime;
 pub mod schema;
 pub mod secrets;
 pub mod steps;
+#[cfg(feature = "local")]
 pub mod store;
 pub mod template;
 pub mod workflow;
 
+#[cfg(feature = "local")]
 pub use api::{Orchestra, RunResult};

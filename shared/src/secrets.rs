@@ -16,6 +16,7 @@ pub struct EnvSecrets {
 
 impl EnvSecrets {
     /// Reads `.env` from `dir` if there is one.
+    #[cfg(feature = "local")]
     pub fn from_dir(dir: &Path) -> Result<EnvSecrets, SecretError> {
         let path = dir.join(".env");
         let mut dotenv = HashMap::new();
@@ -101,6 +102,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "local")]
     #[tokio::test]
     async fn dotenv_file_supplies_secrets_missing_from_the_environment() {
         let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 //! over the ports, so the same code runs on the embedded store and on AWS.
 
 pub mod inputs;
+#[cfg(feature = "local")]
 pub mod local;
 
 use std::collections::{HashMap, HashSet};
