@@ -2,6 +2,7 @@
 //! redaction that keeps their values out of outputs, history and logs.
 
 use std::collections::HashMap;
+#[cfg(feature = "local")]
 use std::path::Path;
 
 use serde_json::Value;

@@ -1,12 +1,12 @@
 //! API Gateway (HTTP API) Lambda hosting the AI-Orchestra HTTP API router.
 
-use lambda_http::{Error, run, tracing};
+use lambda_http::{Error, run};
 use orchestra_core::aws::AwsConfig;
 use orchestra_core::http_api::router;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    tracing::init_default_subscriber();
+    orchestra_core::aws::init_logging();
     let config = AwsConfig::from_env()?;
     run(router(config.runtime().await)).await
 }

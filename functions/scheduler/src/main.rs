@@ -1,12 +1,12 @@
 //! EventBridge-triggered Lambda: starts a run of the workflow a schedule names.
 
-use lambda_runtime::{Error, LambdaEvent, run, service_fn, tracing};
+use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use orchestra_core::aws::{AwsConfig, lambda::handle_schedule};
 use serde_json::{Value, json};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    tracing::init_default_subscriber();
+    orchestra_core::aws::init_logging();
     let config = AwsConfig::from_env()?;
     let runtime = config.runtime().await;
     run(service_fn(|event: LambdaEvent<Value>| {

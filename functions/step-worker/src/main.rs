@@ -1,13 +1,12 @@
 //! SQS-triggered Lambda: executes step attempts and reports partial batch failures.
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
-use lambda_runtime::{Error, LambdaEvent, run, service_fn, tracing};
+use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use orchestra_core::aws::{AwsConfig, lambda::handle_sqs_event};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    // Honours AWS_LAMBDA_LOG_FORMAT=JSON and AWS_LAMBDA_LOG_LEVEL.
-    tracing::init_default_subscriber();
+    orchestra_core::aws::init_logging();
     let config = AwsConfig::from_env()?;
     let runtime = config.runtime().await;
     run(service_fn(|event: LambdaEvent<SqsEvent>| {

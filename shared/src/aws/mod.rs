@@ -22,6 +22,28 @@ use crate::steps::ActionRegistry;
 /// The runtime of the Lambda functions.
 pub type AwsRuntime = Runtime<DynamoStore, SqsQueue, SecretsManagerSource>;
 
+/// Logs to stdout the way Lambda's advanced logging controls ask: JSON when
+/// `AWS_LAMBDA_LOG_FORMAT=JSON`, at `AWS_LAMBDA_LOG_LEVEL` (or `RUST_LOG`, default INFO). Fields such
+/// as `run_id`, `step_id` and `attempt` stay structured.
+pub fn init_logging() {
+    use std::str::FromStr;
+    let level = std::env::var("AWS_LAMBDA_LOG_LEVEL")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok()
+        .and_then(|l| tracing_subscriber::filter::LevelFilter::from_str(&l).ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_target(false)
+        .without_time();
+    let json = std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error("missing environment variable {name} ({what})")]
