@@ -4,7 +4,7 @@
 //!
 //! ```sh
 //! python3 -m pip install 'moto[server]'
-//! cargo build --release -p api -p step-worker -p scheduler   # for the sizes
+//! cargo build --profile lambda -p api -p step-worker -p scheduler   # for the sizes
 //! cargo run --release -p orchestra-bench --bin aws-cost -- [--out target/aws-cost.json]
 //! ```
 
@@ -293,7 +293,7 @@ async fn main() -> Result<()> {
     let sizes: BTreeMap<&str, Value> = ["api", "step-worker", "scheduler"]
         .iter()
         .map(|b| {
-            let size = std::fs::metadata(format!("target/release/{b}"))
+            let size = std::fs::metadata(format!("target/lambda/{b}"))
                 .map(|m| m.len())
                 .ok();
             (

@@ -19,7 +19,7 @@ pub use context::Extras;
 pub use state::*;
 
 #[cfg(test)]
-mod properties;
+mod tests;
 
 /// Default for_each concurrency.
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 10;
@@ -727,8 +727,9 @@ impl Tx<'_> {
             return;
         }
         // Everything that was in flight, and every step that failed the run, gets a fresh attempt
-        // with a fresh retry budget; completed steps keep their outputs.
-        let mut restart: Vec<(String, Option<u32>, u32)> = Vec::new();
+        // with a fresh retry budget; completed steps keep their outputs. A unit keeps the time it
+        // was due at when that is still ahead (a pending `wait`, a backoff), else it runs now.
+        let mut restart: Vec<(String, Option<u32>, u32, u64)> = Vec::new();
         let mut reactivate: Vec<usize> = Vec::new();
         for (id, st) in &self.state.steps {
             let for_each = st.items.is_some();
@@ -737,7 +738,7 @@ impl Tx<'_> {
             if st.status != StepStatus::Running && !failed_run {
                 continue;
             }
-            if st.units.is_empty() {
+            if st.failed_before_any_attempt() {
                 // Failed before any attempt (a `when` or for_each error): RunResumed forgets it
                 // and it is evaluated again.
                 reactivate.extend(self.plan.step_index(id));
@@ -750,17 +751,17 @@ impl Tx<'_> {
                 );
                 if redo {
                     let index = for_each.then_some(u as u32);
-                    restart.push((id.clone(), index, unit.attempt + 1));
+                    restart.push((id.clone(), index, unit.attempt + 1, unit.not_before_ms));
                 }
             }
         }
         self.record(HistoryKind::RunResumed {});
-        for (step, index, attempt) in restart {
+        for (step, index, attempt, due) in restart {
             self.record(HistoryKind::StepScheduled {
                 step,
                 index,
                 attempt,
-                not_before_ms: self.ctx.now_ms,
+                not_before_ms: due.max(self.ctx.now_ms),
             });
         }
         for i in reactivate {

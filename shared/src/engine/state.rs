@@ -129,6 +129,15 @@ impl StepState {
     pub fn unit(&self, index: Option<u32>) -> Option<&UnitState> {
         self.units.get(index.unwrap_or(0) as usize)
     }
+
+    /// Whether the step failed the run before any attempt of it ran: its `when`, `for_each`, wait
+    /// time or choice rules could not be evaluated. Such a failure is recorded with attempt 0
+    /// (which for a step without items leaves one unit at attempt 0); real attempts start at 1.
+    pub fn failed_before_any_attempt(&self) -> bool {
+        self.status == StepStatus::Failed
+            && self.disposition == Some(Disposition::Fail)
+            && self.units.iter().all(|u| u.attempt == 0)
+    }
 }
 
 /// Why a run failed.
@@ -478,11 +487,7 @@ impl RunState {
                 self.error = None;
                 // A step that failed the run before any attempt (its `when` or `for_each` could
                 // not be evaluated) is forgotten, so resuming evaluates it again.
-                self.steps.retain(|_, s| {
-                    !(s.status == StepStatus::Failed
-                        && s.disposition == Some(Disposition::Fail)
-                        && s.units.is_empty())
-                });
+                self.steps.retain(|_, s| !s.failed_before_any_attempt());
             }
         }
     }
