@@ -121,6 +121,7 @@ async fn setup(name: &str, visibility_s: u32, max_receives: u32) -> Aws {
         ("ORCHESTRA_SECRET_PREFIX", format!("{name}/")),
         ("ORCHESTRA_MAX_RECEIVES", max_receives.to_string()),
         ("ORCHESTRA_LEASE_MARGIN_S", "0".into()),
+        ("ORCHESTRA_VISIBILITY_TIMEOUT_S", visibility_s.to_string()),
     ]);
     let config = AwsConfig::from_lookup(|k| env.get(k).cloned()).expect("config");
     let rt = config.runtime_with(&sdk);
@@ -785,5 +786,51 @@ async fn the_step_worker_binary_runs_under_cargo_lambda_watch() {
     assert_eq!(
         after.step_status("hello"),
         orchestra_core::engine::StepStatus::Succeeded
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_longer_than_the_visibility_timeout_keeps_its_message_invisible() {
+    let server = MockServer::start().await;
+    Mock::given(path_regex("^/slow$"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"ok": true}))
+                .set_delay(Duration::from_millis(3500)),
+        )
+        .mount(&server)
+        .await;
+    let aws = setup("heartbeat", 2, 5).await;
+    let workflow = json!({"id": "slow", "steps": [
+        {"id": "call", "type": "http", "timeout_s": 10, "params": {"url": format!("{}/slow", server.uri())}}
+    ]});
+    let (status, body) = api_call(&aws, "POST", "/runs", Some(json!({"workflow": workflow}))).await;
+    assert_eq!(status, 202);
+    let run_id = body["run_id"].as_str().expect("run id").to_owned();
+    let (event, receipts) = receive_event(&aws, &aws.config.queue_url).await;
+    assert_eq!(event.records.len(), 1);
+    let worker = {
+        let (rt, config) = (aws.rt.clone(), aws.config.clone());
+        tokio::spawn(async move { handle_sqs_event(&rt, &config, event).await })
+    };
+    // For the whole 3.5 s step (the visibility timeout is 2 s) nobody else gets the message.
+    let started = Instant::now();
+    while !worker.is_finished() {
+        let (other, _) = receive_event(&aws, &aws.config.queue_url).await;
+        assert!(
+            other.records.is_empty(),
+            "redelivered after {:?} while still running",
+            started.elapsed()
+        );
+    }
+    let response = worker.await.expect("handler");
+    assert!(response.batch_item_failures.is_empty());
+    delete_succeeded(&aws, &receipts, &[]).await;
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    let finished = pump(&aws, &run_id, Duration::from_secs(30)).await;
+    assert_eq!(finished.status, RunStatus::Succeeded);
+    assert_eq!(
+        server.received_requests().await.unwrap_or_default().len(),
+        1
     );
 }

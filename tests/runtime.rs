@@ -290,3 +290,27 @@ async fn attempts_over_their_timeout_fail_as_timeouts_and_are_retried() {
     );
     assert!(state.error.expect("error").message.contains("timeout_s"));
 }
+
+#[tokio::test]
+async fn outputs_over_the_size_limit_fail_the_step_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = RuntimeConfig {
+        max_output_bytes: Some(100),
+        ..RuntimeConfig::default()
+    };
+    let (rt, _lock) = open_local(dir.path(), config).expect("open");
+    let workflow = plan(json!({
+        "id": "big",
+        "steps": [{"id": "blob", "type": "transform", "params": {"value": "{{ 'x' * 500 }}"}}]
+    }));
+    let state = rt
+        .run_to_completion(workflow, Map::new())
+        .await
+        .expect("run");
+    assert_eq!(state.status, RunStatus::Failed);
+    let message = state.error.expect("error").message;
+    assert!(
+        message.contains("502 bytes, over this runtime's limit of 100 bytes"),
+        "{message}"
+    );
+}

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::aws::{AwsConfig, AwsRuntime};
-use crate::ports::{RunStore, StoreError, WorkflowCatalog};
+use crate::ports::{RunStore, StepQueue, StoreError, WorkflowCatalog};
 use crate::runtime::RuntimeError;
 use crate::workflow::Plan;
 
@@ -25,9 +25,10 @@ pub async fn handle_sqs_event(
     let mut ids = std::collections::HashMap::new();
     for message in event.records {
         let rt = rt.clone();
-        let max_receives = config.max_receives;
+        let (max_receives, visibility) = (config.max_receives, config.visibility_timeout);
         let id = message.message_id.clone().unwrap_or_default();
-        let handle = tasks.spawn(async move { handle_record(&rt, max_receives, message).await });
+        let handle =
+            tasks.spawn(async move { handle_record(&rt, max_receives, visibility, message).await });
         ids.insert(handle.id(), id);
     }
     let mut response = SqsBatchResponse::default();
@@ -49,7 +50,12 @@ pub async fn handle_sqs_event(
 }
 
 /// Returns whether the record is done with.
-async fn handle_record(rt: &AwsRuntime, max_receives: u32, message: SqsMessage) -> bool {
+async fn handle_record(
+    rt: &AwsRuntime,
+    max_receives: u32,
+    visibility: std::time::Duration,
+    message: SqsMessage,
+) -> bool {
     let message_id = message.message_id.as_deref().unwrap_or_default();
     let Some(task) = message
         .body
@@ -65,7 +71,26 @@ async fn handle_record(rt: &AwsRuntime, max_receives: u32, message: SqsMessage) 
         .get("ApproximateReceiveCount")
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    match rt.execute_task(&task).await {
+    let outcome = {
+        // A long step keeps its message invisible: extend it every half visibility timeout, so
+        // the queue does not hand the task to another worker while this one is still at it.
+        let work = rt.execute_task(&task);
+        tokio::pin!(work);
+        let every = visibility / 2;
+        loop {
+            tokio::select! {
+                result = &mut work => break result,
+                _ = tokio::time::sleep(every) => {
+                    if let Some(receipt) = message.receipt_handle.as_deref()
+                        && let Err(e) = rt.queue().extend(receipt, visibility).await
+                    {
+                        tracing::warn!(message_id, error = %e, "could not extend the message's visibility");
+                    }
+                }
+            }
+        }
+    };
+    match outcome {
         Ok(()) => true,
         Err(RuntimeError::RunNotFound(_)) => {
             tracing::warn!(message_id, run_id = %task.run_id, step_id = %task.step, "dropping a task for an unknown run");

@@ -73,6 +73,9 @@ pub struct AwsConfig {
     /// `ORCHESTRA_MAX_RECEIVES` (default 5): the queue's redrive `maxReceiveCount`; the delivery
     /// that reaches it marks the run failed before the message goes to the dead-letter queue.
     pub max_receives: u32,
+    /// `ORCHESTRA_VISIBILITY_TIMEOUT_S` (default 360): the step queue's visibility timeout; a step
+    /// running longer has its message's visibility extended every half of it.
+    pub visibility_timeout: Duration,
     /// `ORCHESTRA_RETENTION_DAYS` (default 90): items expire (DynamoDB TTL) this long after written.
     pub retention_days: u64,
     /// `ORCHESTRA_MAX_OUTPUT_BYTES` (default 262144): larger step outputs fail the step, keeping
@@ -121,6 +124,12 @@ impl AwsConfig {
             )?),
             max_receives: number(&get, "ORCHESTRA_MAX_RECEIVES", 5, "a positive integer")?,
             retention_days: number(&get, "ORCHESTRA_RETENTION_DAYS", 90, "days")?,
+            visibility_timeout: Duration::from_secs(number(
+                &get,
+                "ORCHESTRA_VISIBILITY_TIMEOUT_S",
+                360,
+                "seconds",
+            )?),
             max_output_bytes: number(&get, "ORCHESTRA_MAX_OUTPUT_BYTES", 262_144, "bytes")?,
             lease_margin: Duration::from_secs(number(
                 &get,
