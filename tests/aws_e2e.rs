@@ -135,7 +135,7 @@ async fn setup(name: &str, visibility_s: u32, max_receives: u32) -> Aws {
 
 /// Calls the `api` router with a sample API Gateway v2 event from `events/`, adjusted.
 async fn api_call(aws: &Aws, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let file = if method == "POST" {
+    let file = if body.is_some() {
         "events/api-start-run.json"
     } else {
         "events/api-get-run.json"
@@ -166,6 +166,27 @@ async fn api_call(aws: &Aws, method: &str, path: &str, body: Option<Value>) -> (
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
+}
+
+/// Starts a run of an inline workflow through the API; returns its id.
+async fn start_through_api(aws: &Aws, workflow: Value) -> String {
+    let (status, body) = api_call(aws, "POST", "/runs", Some(json!({"workflow": workflow}))).await;
+    assert_eq!(status, 202, "{body}");
+    body["run_id"].as_str().expect("run id").to_owned()
+}
+
+/// A service that answers `/slow` after `delay`.
+async fn slow_server(delay: Duration) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(path_regex("^/slow$"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"ok": true}))
+                .set_delay(delay),
+        )
+        .mount(&server)
+        .await;
+    server
 }
 
 async fn axum_body(response: axum::response::Response) -> Vec<u8> {
@@ -468,22 +489,12 @@ async fn every_message_delivered_twice_and_out_of_order_runs_each_side_effect_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_between_claim_and_commit_is_recovered_after_the_visibility_timeout() {
-    let server = MockServer::start().await;
-    Mock::given(path_regex("^/slow$"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"ok": true}))
-                .set_delay(Duration::from_millis(1500)),
-        )
-        .mount(&server)
-        .await;
+    let server = slow_server(Duration::from_millis(1500)).await;
     let aws = setup("kill", 3, 10).await;
     let workflow = json!({"id": "slow", "steps": [
         {"id": "call", "type": "http", "timeout_s": 2, "params": {"url": format!("{}/slow", server.uri())}}
     ]});
-    let (status, body) = api_call(&aws, "POST", "/runs", Some(json!({"workflow": workflow}))).await;
-    assert_eq!(status, 202);
-    let run_id = body["run_id"].as_str().expect("run id").to_owned();
+    let run_id = start_through_api(&aws, workflow).await;
 
     // The first worker claims the attempt, calls the service, and dies before recording anything.
     let (event, _receipts) = receive_event(&aws, &aws.config.queue_url).await;
@@ -547,9 +558,7 @@ async fn a_poison_message_lands_in_the_dead_letter_queue_and_fails_the_run() {
     let workflow = json!({"id": "poison", "steps": [
         {"id": "call", "type": "log", "params": {"message": "never"}}
     ]});
-    let (status, body) = api_call(&aws, "POST", "/runs", Some(json!({"workflow": workflow}))).await;
-    assert_eq!(status, 202);
-    let run_id = body["run_id"].as_str().expect("run id").to_owned();
+    let run_id = start_through_api(&aws, workflow).await;
     // The workflow stored with the run stops validating (say, after an upgrade tightened a rule):
     // every delivery of its task now fails the same way.
     aws_sdk_dynamodb::Client::new(&aws.sdk)
@@ -621,7 +630,7 @@ async fn schedules_start_a_stored_workflow_once_per_execution() {
         &std::fs::read_to_string(repo_root().join("workflows/hello.json")).expect("hello"),
     )
     .expect("json");
-    let (status, _) = api_call_put(&aws, "/workflows/hello", hello).await;
+    let (status, _) = api_call(&aws, "PUT", "/workflows/hello", Some(hello)).await;
     assert_eq!(status, 200);
     assert!(
         aws.rt
@@ -667,28 +676,6 @@ async fn schedules_start_a_stored_workflow_once_per_execution() {
     );
 }
 
-async fn api_call_put(aws: &Aws, path: &str, body: Value) -> (u16, Value) {
-    let mut event: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo_root().join("events/api-start-run.json")).expect("event"),
-    )
-    .expect("json");
-    event["rawPath"] = json!(path);
-    event["requestContext"]["http"]["path"] = json!(path);
-    event["requestContext"]["http"]["method"] = json!("PUT");
-    event["body"] = json!(body.to_string());
-    let request = lambda_http::request::from_str(&event.to_string()).expect("request");
-    let response = router(aws.rt.clone())
-        .oneshot(request)
-        .await
-        .expect("response");
-    let status = response.status().as_u16();
-    let bytes = axum_body(response).await;
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
 /// The `step-worker` binary itself, built and run by `cargo lambda watch` (Lambda's runtime API,
 /// emulated), invoked with an SQS event made from `events/sqs-step-batch.json`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -698,9 +685,7 @@ async fn the_step_worker_binary_runs_under_cargo_lambda_watch() {
         {"id": "hello", "type": "transform", "params": {"value": "hi"}},
         {"id": "bye", "type": "transform", "params": {"value": "bye"}}
     ]});
-    let (status, body) = api_call(&aws, "POST", "/runs", Some(json!({"workflow": workflow}))).await;
-    assert_eq!(status, 202);
-    let run_id = body["run_id"].as_str().expect("run id").to_owned();
+    let run_id = start_through_api(&aws, workflow).await;
     // The sample batch, with its first record pointed at this run's first task.
     let (received, _) = receive_event(&aws, &aws.config.queue_url).await;
     let task_body = received.records[0].body.clone().expect("task");
@@ -791,22 +776,12 @@ async fn the_step_worker_binary_runs_under_cargo_lambda_watch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_longer_than_the_visibility_timeout_keeps_its_message_invisible() {
-    let server = MockServer::start().await;
-    Mock::given(path_regex("^/slow$"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"ok": true}))
-                .set_delay(Duration::from_millis(3500)),
-        )
-        .mount(&server)
-        .await;
+    let server = slow_server(Duration::from_millis(3500)).await;
     let aws = setup("heartbeat", 2, 5).await;
     let workflow = json!({"id": "slow", "steps": [
         {"id": "call", "type": "http", "timeout_s": 10, "params": {"url": format!("{}/slow", server.uri())}}
     ]});
-    let (status, body) = api_call(&aws, "POST", "/runs", Some(json!({"workflow": workflow}))).await;
-    assert_eq!(status, 202);
-    let run_id = body["run_id"].as_str().expect("run id").to_owned();
+    let run_id = start_through_api(&aws, workflow).await;
     let (event, receipts) = receive_event(&aws, &aws.config.queue_url).await;
     assert_eq!(event.records.len(), 1);
     let worker = {
