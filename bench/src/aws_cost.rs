@@ -300,7 +300,7 @@ async fn main() -> Result<()> {
                 *b,
                 size.map_or(
                     Value::Null,
-                    |s| json!({"bytes": s, "mb": (s as f64 / 1_048_576.0 * 100.0).round() / 100.0}),
+                    |s| json!({"bytes": s, "mib": (s as f64 / 1_048_576.0 * 100.0).round() / 100.0}),
                 ),
             )
         })
