@@ -141,7 +141,8 @@ pub fn handle(plan: &Plan, state: &mut RunState, event: Event, ctx: Ctx) -> Tran
 }
 
 /// The dispatches that bring a run's in-flight units back to a queue, e.g. after a crash lost
-/// them. `stale_before_ms`: running units whose lease ends before it are dispatched too.
+/// them. With `include_running`, units that were running are dispatched too (the caller knows
+/// their worker is gone).
 pub fn pending_dispatches(plan: &Plan, state: &RunState, include_running: bool) -> Vec<Action> {
     let mut out = Vec::new();
     if state.status != RunStatus::Running {
